@@ -1,0 +1,7 @@
+"""``python -m preemptwatch``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
