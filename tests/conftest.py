@@ -7,24 +7,19 @@ Each area keeps its own fixtures in ``tests/<area>/conftest.py``; what several a
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from preemptwatch.server.testing import InProcessServer, ServerProcess
+from preemptwatch.server.testing import free_port as free_port  # re-exported for the areas
+
 PG_HOST = os.environ.get("PREEMPTWATCH_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = os.environ.get("PREEMPTWATCH_TEST_PG_PORT", "5432")
 PG_USER = os.environ.get("PREEMPTWATCH_TEST_PG_USER", "postgres")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _psql(sql: str) -> None:
@@ -74,3 +69,24 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'preemptwatch.db'}"
     else:
         yield from pg_database()
+
+
+@pytest.fixture
+def server_process(db_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real ``preemptwatch server`` process on a fresh database of each engine (like
+    ``db_url``), API key from ``PREEMPTWATCH_API_KEY``. Yields a
+    `preemptwatch.server.testing.ServerProcess`: ``url``, ``api_key``, ``db_url``,
+    ``headers()``, ``stop()``, ``kill()``, ``start()``."""
+    proc = ServerProcess(db_url, workdir=tmp_path / "server")
+    with proc:
+        yield proc
+
+
+@pytest.fixture
+async def server_inprocess(db_url: str, tmp_path: Path) -> AsyncIterator[InProcessServer]:
+    """The server app in the test's event loop on a free port (fast; same HTTP API), on a
+    fresh database of each engine. Yields a `preemptwatch.server.testing.InProcessServer`:
+    ``url``, ``api_key``, ``headers()``, ``ctx`` (store, config) and ``await reap(now)``
+    (its reaper does not run by itself)."""
+    async with InProcessServer(db_url, str(tmp_path / "server-files")) as server:
+        yield server

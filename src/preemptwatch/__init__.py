@@ -19,9 +19,13 @@ _LAZY: dict[str, str] = {
     "current_watcher": "preemptwatch.start",
     "register_marker": "preemptwatch.marks",
     "unregister_marker": "preemptwatch.marks",
+    "init": "preemptwatch.client.run",
+    "Run": "preemptwatch.client.run",
+    "mark_preempting": "preemptwatch.client.run",
 }
 
 if TYPE_CHECKING:
+    from .client.run import Run, init, mark_preempting
     from .marks import register_marker, unregister_marker
     from .start import current_watcher, start_watcher
     from .watcher import Watcher
@@ -42,9 +46,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Notice",
+    "Run",
     "Watcher",
     "__version__",
     "current_watcher",
+    "init",
+    "mark_preempting",
     "register_marker",
     "start_watcher",
     "unregister_marker",

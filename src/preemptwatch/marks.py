@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 from .notice import Notice
@@ -44,10 +45,19 @@ def markers() -> list[Marker]:
         return [mark_wandb_run, *_markers]
 
 
-def mark_wandb_run(notice: Notice) -> bool:
-    """``wandb.run.mark_preempting()`` when wandb is imported and a run is active."""
+def _wandb_run() -> Any:
+    """The active W&B run, if wandb is imported (we never import it) and a run is set."""
     wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None) if wandb is not None else None
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def mark_wandb_run(notice: Notice) -> bool:
+    """``wandb.run.mark_preempting()`` when wandb is imported and a run is active.
+
+    Works in offline mode too: the run's ``.wandb`` file then holds a ``preempting``
+    record, which ``wandb sync`` uploads later. Returns whether a run was marked.
+    """
+    run = _wandb_run()
     if run is None:
         return False
     run.mark_preempting()
@@ -55,18 +65,26 @@ def mark_wandb_run(notice: Notice) -> bool:
     return True
 
 
-async def mark_all(notice: Notice) -> None:
-    """Call every marker; sync ones in a worker thread. Errors are logged, never raised."""
+async def mark_all(notice: Notice, executor: Executor | None = None) -> None:
+    """Call every marker; sync ones in a worker thread (of ``executor``, else the loop's
+    default one). Errors are logged, never raised.
+
+    The W&B marker is skipped without a thread when there is no W&B run, so a notice
+    does not start a thread that would compete with the user's callbacks for the GIL.
+    """
 
     async def call(marker: Marker) -> None:
         try:
             if inspect.iscoroutinefunction(marker):
                 await marker(notice)
             else:
-                result = await asyncio.to_thread(marker, notice)
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(executor, marker, notice)
                 if inspect.isawaitable(result):
                     await result
         except Exception:
             log.exception("marker %r failed for %s", marker, notice)
 
-    await asyncio.gather(*(call(m) for m in markers()))
+    todo = [m for m in markers() if m is not mark_wandb_run or _wandb_run() is not None]
+    if todo:
+        await asyncio.gather(*(call(m) for m in todo))

@@ -11,8 +11,9 @@ from typing import Any
 
 #: Kinds that mean the machine will go away; they always count as preempting.
 FINAL_KINDS = frozenset({"terminate", "stop", "hibernate", "preempt", "signal", "time-limit"})
-#: Advisory kinds: early or scheduled warnings that count only by the watcher's policy.
-ADVISORY_KINDS = frozenset({"rebalance", "maintenance"})
+#: Advisory kinds: early or scheduled warnings that count only by the watcher's policy
+#: (``migrate``, a live migration that keeps the machine, never counts).
+ADVISORY_KINDS = frozenset({"rebalance", "maintenance", "migrate"})
 KINDS = FINAL_KINDS | ADVISORY_KINDS
 
 #: Source names, as used in ``PREEMPTWATCH_SOURCES`` and ``Notice.source``.

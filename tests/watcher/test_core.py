@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -152,3 +153,58 @@ def test_import_is_lazy() -> None:
     code = "import sys, preemptwatch; print('aiohttp' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_notices_reported_before_the_loop_runs_are_kept() -> None:
+    """A signal can arrive between installing handlers and the loop running."""
+    w = Watcher()
+    early = Notice("signal", "signal", raw={"signal": "SIGTERM"})
+    w.notice_threadsafe(early)
+    w.start_in_thread(wait=5)
+    try:
+        assert w.wait(3) and w.notice == early
+    finally:
+        w.stop()
+
+
+def test_stop_right_after_start_in_thread_stops_the_thread() -> None:
+    w = Watcher([Scripted()])
+    w.start_in_thread()  # returns before the loop runs
+    assert w.running
+    w.stop()
+    assert not w.running
+    assert w._thread is not None and not w._thread.is_alive()
+
+
+def test_stop_right_after_the_callback_ran_is_prompt() -> None:
+    """Stopping while the dispatcher is just getting the callback's result back (where
+    Python 3.11's wait_for can swallow the cancellation) must not hang."""
+    deadline = utcnow() + timedelta(seconds=60)  # wait_for with a timeout: the racy path
+    for i in range(10):
+        called = threading.Event()
+        source = Scripted(Notice("ec2", "terminate", id=f"n{i}", deadline=deadline))
+        w = Watcher([source], [lambda n, called=called: called.set()])  # type: ignore[misc]
+        w.start_in_thread(wait=5)
+        assert called.wait(3)
+        t0 = time.monotonic()
+        w.stop()
+        assert time.monotonic() - t0 < 1.0
+        assert w._thread is not None and not w._thread.is_alive()
+
+
+def test_thread_switching_is_quickened_only_until_the_callback_runs() -> None:
+    import sys
+
+    from preemptwatch.watcher import BOOST_SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+    w = Watcher(callbacks=[lambda n: seen.append(sys.getswitchinterval())])
+    w.notice_threadsafe(Notice("signal", "signal", raw={"signal": "SIGTERM"}))
+    assert sys.getswitchinterval() == BOOST_SWITCH_INTERVAL
+    w.start_in_thread()
+    try:
+        assert w.wait_handled(3)
+    finally:
+        w.stop()
+    assert seen == [before] and sys.getswitchinterval() == before

@@ -19,8 +19,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Serve a metadata service faithful to the provider's, on loopback. "
         "Schedule a notice with the flags below or over HTTP under /_control/.",
     )
-    providers = parser.add_subparsers(dest="provider", metavar="PROVIDER")
-    providers.required = True
+    providers = parser.add_subparsers(dest="provider", metavar="PROVIDER", required=True)
     for name in PROVIDERS:
         module = simulator_module(name)
         p = providers.add_parser(name, help=module.__doc__.strip().splitlines()[0])

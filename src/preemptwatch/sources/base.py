@@ -10,7 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_never,
+    wait_random_exponential,
+)
 
 from ..notice import Notice
 
@@ -98,36 +105,71 @@ class PollingSource(Source):
         """One look at the provider; report through ``ctx.sink``; raise on failure."""
 
     async def run(self, ctx: SourceContext) -> None:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Exception),
-            wait=wait_random_exponential(multiplier=self.interval, max=self.max_backoff),
-            before_sleep=self._before_retry(ctx),
-            reraise=True,
-        )
         while True:
             started = time.monotonic()
-            async for attempt in retrying.copy():
-                with attempt:
-                    await self.poll(ctx)
+            try:
+                await self.poll(ctx)
+            except Exception as exc:
+                await self._recover(ctx, exc)
             ctx.sink.poll_ok(self.name)
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
-    def _before_retry(self, ctx: SourceContext) -> Any:
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            if exc is None:
-                return
-            ctx.sink.poll_error(self.name, exc)
-            delay = state.next_action.sleep if state.next_action else 0.0
-            n = state.attempt_number
-            level = logging.WARNING if n == 1 or n % 30 == 0 else logging.DEBUG
-            log.log(
-                level,
-                "%s: poll failed (attempt %d, retrying in %.1fs): %s",
-                self.name,
-                n,
-                delay,
-                exc,
-            )
+    async def _recover(self, ctx: SourceContext, error: Exception) -> None:
+        """After a failed poll: retry with jittered exponential backoff until one works.
 
-        return before_sleep
+        The steady state (polls that succeed) never enters tenacity: it costs tens of
+        microseconds per poll, which an idle watcher polling every second would feel.
+        """
+        retrying = backoff(self.interval, self.max_backoff, self._before_retry(ctx))
+        first: Exception | None = error
+        async for attempt in retrying:
+            with attempt:
+                if first is not None:  # attempt 1 is the poll that already failed
+                    failed, first = first, None
+                    raise failed
+                await self.poll(ctx)
+
+    def _before_retry(self, ctx: SourceContext) -> Callable[[RetryCallState], None]:
+        return retry_reporter(
+            ctx, self.name, log, "%s: poll failed (attempt %d, retrying in %.1fs): %s", self.name
+        )
+
+
+def backoff(
+    interval: float,
+    max_backoff: float,
+    before_sleep: Callable[[RetryCallState], None] | None = None,
+    *,
+    attempts: int | None = None,
+    errors: type[Exception] = Exception,
+) -> AsyncRetrying:
+    """Retry ``errors`` with jittered exponential backoff (base ``interval``, capped at
+    ``max_backoff``), forever or up to ``attempts`` tries; when it gives up, the last
+    error itself is raised."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait_random_exponential(multiplier=interval, max=max_backoff),
+        stop=stop_never if attempts is None else stop_after_attempt(attempts),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+def retry_reporter(
+    ctx: SourceContext, name: str, logger: logging.Logger, message: str, *args: Any
+) -> Callable[[RetryCallState], None]:
+    """A tenacity ``before_sleep``: report the failed attempt to the sink as source
+    ``name`` and log it (WARNING on the 1st and every 30th attempt, else DEBUG).
+    ``message`` is formatted with ``args``, then the attempt number, delay and error."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if exc is None:
+            return
+        ctx.sink.poll_error(name, exc)
+        delay = state.next_action.sleep if state.next_action else 0.0
+        n = state.attempt_number
+        level = logging.WARNING if n == 1 or n % 30 == 0 else logging.DEBUG
+        logger.log(level, message, *args, n, delay, exc)
+
+    return before_sleep
