@@ -40,6 +40,10 @@ sweeps = sa.Table(
     sa.Column("config", sa.JSON, nullable=False),
     sa.Column("state", sa.String(16), nullable=False, server_default="running"),
     sa.Column("created_at", sa.Double, nullable=False),
+    # search progress (migration 0002)
+    sa.Column("suggested", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("seed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("updated_at", sa.Double),
 )
 
 runs = sa.Table(
@@ -117,5 +121,41 @@ run_queue = sa.Table(
     sa.Column("sweep_id", sa.String(64), nullable=False),
     sa.Column("run_id", sa.String(64), nullable=False),
     sa.Column("enqueued_at", sa.Double, nullable=False),
+    # an agent's claim (migration 0002)
+    sa.Column("claimed_by", sa.String(64)),
+    sa.Column("claimed_at", sa.Double),
 )
 sa.Index("ix_run_queue_sweep", run_queue.c.project_id, run_queue.c.sweep_id, run_queue.c.id)
+
+#: Agents of a sweep (migration 0002).
+sweep_agents = sa.Table(
+    "sweep_agents",
+    metadata,
+    sa.Column("project_id", sa.Integer, primary_key=True),
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("sweep_id", sa.String(64), nullable=False),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("heartbeat_at", sa.Double, nullable=False),
+)
+
+#: The runs a sweep's search handed out, with their parameters (migration 0002).
+sweep_runs = sa.Table(
+    "sweep_runs",
+    metadata,
+    sa.Column("project_id", sa.Integer, primary_key=True),
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("sweep_id", sa.String(64), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("agent_id", sa.String(64)),
+    sa.Column("launches", sa.Integer, nullable=False),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.UniqueConstraint("project_id", "sweep_id", "seq", name="uq_sweep_runs_seq"),
+)

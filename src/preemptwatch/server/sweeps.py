@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..errors import BadRequest, Conflict, NotFound
 from ..sweeps.config import SweepConfig, SweepConfigError, parse_config
 from ..sweeps.search import GridSearch, SearchMethod, Trial, make_search
+from . import schema
 from .db import Database
 from .ids import generate_run_id
 from .schema import history, runs
@@ -40,59 +41,9 @@ TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "cancel": (("running", "paused"), "cancelled"),
 }
 
-_md = sa.MetaData()
-# Our view of the server's tables, with the columns our migration adds.
-sweeps_t = sa.Table(
-    "sweeps",
-    _md,
-    sa.Column("project_id", sa.Integer, primary_key=True),
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("config", sa.JSON, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("created_at", sa.Double, nullable=False),
-    sa.Column("suggested", sa.Integer, nullable=False),
-    sa.Column("seed", sa.BigInteger, nullable=False),
-    sa.Column("updated_at", sa.Double),
-)
-queue_t = sa.Table(
-    "run_queue",
-    _md,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("project_id", sa.Integer, nullable=False),
-    sa.Column("sweep_id", sa.String(64), nullable=False),
-    sa.Column("run_id", sa.String(64), nullable=False),
-    sa.Column("enqueued_at", sa.Double, nullable=False),
-    sa.Column("claimed_by", sa.String(64)),
-    sa.Column("claimed_at", sa.Double),
-)
-agents_t = sa.Table(
-    "sweep_agents",
-    _md,
-    sa.Column("project_id", sa.Integer, primary_key=True),
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("sweep_id", sa.String(64), nullable=False),
-    sa.Column("host", sa.String(255)),
-    sa.Column("pid", sa.Integer),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("run_id", sa.String(64)),
-    sa.Column("created_at", sa.Double, nullable=False),
-    sa.Column("heartbeat_at", sa.Double, nullable=False),
-)
-sweep_runs_t = sa.Table(
-    "sweep_runs",
-    _md,
-    sa.Column("project_id", sa.Integer, primary_key=True),
-    sa.Column("run_id", sa.String(64), primary_key=True),
-    sa.Column("sweep_id", sa.String(64), nullable=False),
-    sa.Column("seq", sa.Integer, nullable=False),
-    sa.Column("params", sa.JSON, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("agent_id", sa.String(64)),
-    sa.Column("launches", sa.Integer, nullable=False),
-    sa.Column("exit_code", sa.Integer),
-    sa.Column("created_at", sa.Double, nullable=False),
-    sa.Column("updated_at", sa.Double, nullable=False),
-)
+# The sweep tables, by the names this module uses.
+sweeps_t, queue_t = schema.sweeps, schema.run_queue
+agents_t, sweep_runs_t = schema.sweep_agents, schema.sweep_runs
 
 
 def _sweep_key(project_id: int, sweep_id: str) -> Any:
